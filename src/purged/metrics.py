@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +22,7 @@ LAYERS = ("backend", "frontend")
 TCP_ERROR_TYPES = ("connect", "reset", "closed", "timeout", "protocol", "write")
 SKIP_REASONS = ("invalid_url", "host_regex")
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the original exported no *_created series
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 http_requests = Counter(
@@ -181,13 +182,45 @@ class Snapshots(Collector):
 snapshots = Snapshots()
 REGISTRY.register(snapshots)
 
-_TOP_LEVEL = ("replyq", "msg_cnt", "msg_size", "rx", "rx_bytes", "tx", "tx_bytes", "metadata_cache_cnt")
-_BROKER = ("outbuf_cnt", "waitresp_cnt", "tx", "txbytes", "txerrs", "txretries", "req_timeouts",
-           "rx", "rxbytes", "rxerrs", "connects", "disconnects")
+_TOP_LEVEL = (
+    "replyq",
+    "msg_cnt",
+    "msg_size",
+    "rx",
+    "rx_bytes",
+    "tx",
+    "tx_bytes",
+    "metadata_cache_cnt",
+)
+_BROKER = (
+    "outbuf_cnt",
+    "waitresp_cnt",
+    "tx",
+    "txbytes",
+    "txerrs",
+    "txretries",
+    "req_timeouts",
+    "rx",
+    "rxbytes",
+    "rxerrs",
+    "connects",
+    "disconnects",
+)
 _WINDOW = ("min", "max", "avg", "p99")
-_PARTITION = ("msgq_cnt", "fetchq_cnt", "fetchq_size", "msgs", "rxmsgs", "rxbytes",
-              "consumer_lag", "consumer_lag_stored", "hi_offset", "committed_offset",
-              "stored_offset", "app_offset")
+_PARTITION = (
+    "msgq_cnt",
+    "fetchq_cnt",
+    "fetchq_size",
+    "msgs",
+    "rxmsgs",
+    "rxbytes",
+    "consumer_lag",
+    "consumer_lag_stored",
+    "hi_offset",
+    "committed_offset",
+    "stored_offset",
+    "app_offset",
+)
 
 
 def flatten_rdkafka_stats(
@@ -210,7 +243,7 @@ def flatten_rdkafka_stats(
         for broker_name, broker in brokers.items():
             if not isinstance(broker, Mapping) or broker.get("nodeid", 0) == -1:
                 continue  # bootstrap placeholders duplicate the real brokers
-            labels = (str(broker_name),)
+            labels: tuple[str, ...] = (str(broker_name),)
             for key in _BROKER:
                 value = broker.get(key)
                 if isinstance(value, int | float):
@@ -220,8 +253,13 @@ def flatten_rdkafka_stats(
                 for key in _WINDOW:
                     value = rtt.get(key)
                     if isinstance(value, int | float):
-                        yield (f"rdkafka_consumer_brokers_rtt_{key}", doc, ("broker",), labels,
-                               float(value))
+                        yield (
+                            f"rdkafka_consumer_brokers_rtt_{key}",
+                            doc,
+                            ("broker",),
+                            labels,
+                            float(value),
+                        )
     topics = stats.get("topics")
     if isinstance(topics, Mapping):
         for topic_name, topic in topics.items():
@@ -235,5 +273,10 @@ def flatten_rdkafka_stats(
                 for key in _PARTITION:
                     value = partition.get(key)
                     if isinstance(value, int | float):
-                        yield (f"rdkafka_consumer_topics_partitions_{key}", doc,
-                               ("topic", "partition"), labels, float(value))
+                        yield (
+                            f"rdkafka_consumer_topics_partitions_{key}",
+                            doc,
+                            ("topic", "partition"),
+                            labels,
+                            float(value),
+                        )
