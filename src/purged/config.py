@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from purged import __version__
+from purged import __version__, multicast
 from purged.cache import Address
 from purged.logs import log
 
@@ -56,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _flag(parser: argparse._ActionsContainer, name: str, **kwargs: Any) -> None:
+    kwargs.setdefault("metavar", kwargs.pop("meta", "VALUE"))
     parser.add_argument(f"-{name}", f"--{name}", dest=name, **kwargs)
 
 
@@ -74,90 +75,114 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         orig,
         "backend_addr",
+        meta="ADDR",
         default="127.0.0.1:3128",
         help="backend cache (ATS): host:port, [v6]:port or an absolute Unix socket path",
     )
     _flag(
         orig,
         "frontend_addr",
+        meta="ADDR",
         default="127.0.0.1:80",
         help="frontend cache (Varnish): host:port, [v6]:port or an absolute Unix socket path",
     )
     _flag(
         orig,
         "mcast_addrs",
+        meta="GROUPS",
         default="",
         help="comma-separated HTCP multicast groups; empty = no HTCP",
     )
     _flag(
         orig,
         "mcast_bufsize",
+        meta="BYTES",
         default="16777216",
         help="kernel receive buffer for the multicast socket, bytes",
     )
-    _flag(orig, "prometheus_addr", default=":2112", help="metrics at http://ADDR/metrics")
+    _flag(
+        orig, "prometheus_addr", meta="ADDR", default=":2112", help="metrics at http://ADDR/metrics"
+    )
     _flag(
         orig,
         "host_regex",
+        meta="REGEX",
         default="",
         help="only purge URLs whose host matches this regex (unanchored); empty = all",
     )
-    _flag(orig, "backend_workers", default="4", help="backend cache connections")
-    _flag(orig, "frontend_workers", default="1", help="frontend cache connections")
+    _flag(orig, "backend_workers", meta="N", default="4", help="backend cache connections")
+    _flag(orig, "frontend_workers", meta="N", default="1", help="frontend cache connections")
     _flag(
         orig,
         "frontend_delay",
+        meta="MS",
         default="1000",
         help="ms between the backend's answer and the frontend PURGE of a URL",
     )
-    _flag(orig, "topics", default="", help="comma-separated Kafka topics; empty = no Kafka")
+    _flag(
+        orig,
+        "topics",
+        meta="TOPICS",
+        default="",
+        help="comma-separated Kafka topics; empty = no Kafka",
+    )
     _flag(
         orig,
         "kafkaConfig",
+        meta="FILE",
         default="/etc/purgedkafka.conf",
         help="JSON object of librdkafka properties",
     )
     _flag(
         orig,
         "purgeMaxAge",
+        meta="SECONDS",
         default="0",
         help="seconds; events older than this are not purged (0 = no limit)",
     )
     new = parser.add_argument_group("flags new in this purged")
-    _flag(new, "mcast_port", default="4827", help="UDP port of the HTCP multicast groups")
+    _flag(
+        new, "mcast_port", meta="PORT", default="4827", help="UDP port of the HTCP multicast groups"
+    )
     _flag(
         new,
         "mcast_iface",
+        meta="IP",
         default="",
         help="IPv4 address of the interface to join the groups on; empty = the default",
     )
     _flag(
         new,
         "shutdown_timeout",
+        meta="DURATION",
         default="10s",
         help="on SIGTERM/SIGINT, how long to finish the purges in flight before exiting",
     )
     _flag(
         new,
         "max_pending",
+        meta="N",
         default="100000",
         help="purges in flight at most; Kafka consumption pauses (HTCP drops) when full",
     )
     _flag(
         new,
         "cache_timeout",
+        meta="DURATION",
         default="10s",
         help="a cache connection that connects or answers slower than this is re-opened",
     )
     _flag(
         new,
         "pipeline_depth",
+        meta="N",
         default="32",
         help="PURGE requests in flight per cache connection (1 = no pipelining)",
     )
     _flag(
         new,
         "log_level",
+        meta="LEVEL",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="log level",
@@ -261,19 +286,11 @@ def parse_address(text: str, flag: str) -> Address:
 
 
 def parse_groups(text: str) -> tuple[str, ...]:
-    """Comma-separated IPv4 multicast groups (224.0.0.0/4)."""
-    groups = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        try:
-            address = ipaddress.IPv4Address(item)
-        except ValueError:
-            raise ConfigError(f"-mcast_addrs: {item!r} is not an IPv4 address") from None
-        if not address.is_multicast:
-            raise ConfigError(f"-mcast_addrs: {item} is not a multicast group (224.0.0.0/4)")
-        groups.append(item)
-    return tuple(groups)
+    """Comma-separated IPv4 multicast groups (224.0.0.0/4), as -mcast_addrs takes them."""
+    try:
+        return tuple(multicast.parse_groups(text))
+    except ValueError as error:
+        raise ConfigError(f"-mcast_addrs: {error}") from None
 
 
 def _iface(text: str) -> str:

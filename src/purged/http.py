@@ -54,6 +54,10 @@ class ResponseReader:
             if self.closing:  # bytes after the last response of a closing connection
                 return completed
             raise ProtocolError(str(error)) from None
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: 101 or Connection: upgrade
+            if self.closing:
+                return completed
+            raise ProtocolError("the cache switched protocols (upgrade)") from None
         return completed
 
     def eof(self) -> int | None:
