@@ -24,7 +24,7 @@ from purged.pipeline import Layer, Purge
 
 BACKOFF_FIRST = 0.05  # seconds before the first reconnect attempt after a failure
 BACKOFF_MAX = 5.0  # reconnects never wait longer than this
-RETRY_5XX_LIMIT = 8  # answers of 5xx before a purge is given up on a layer (~30 s of trying)
+RETRY_5XX_PERIOD = 30.0  # seconds of 5xx answers to a purge before it is given up on a layer
 
 
 @dataclass(frozen=True)
@@ -246,19 +246,24 @@ class CacheLayer(Layer):
             )
         counter.inc()
         if status >= 500:
+            now = self.loop.time()
             purge.attempts += 1
-            if purge.attempts < RETRY_5XX_LIMIT:
+            if purge.attempts == 1:
+                purge.failing_since = now
+            # Bounded by time, not by count: a cache restarting answers 5xx for a while.
+            if now - purge.failing_since < RETRY_5XX_PERIOD:
                 self.retrying += 1
                 self.loop.call_later(_backoff(purge.attempts), self._retry, purge)
                 return
             self._failed.inc()
             ratelimited.warning(
                 f"{self.name}-failed",
-                "%s cache %s answered %d %d times; giving up on %r",
+                "%s cache %s answered %d %d times in %.0f s; giving up on %r",
                 self.name,
                 self.address,
                 status,
                 purge.attempts,
+                now - purge.failing_since,
                 purge.request[:200],
             )
         self._on_done(purge)
@@ -291,7 +296,9 @@ class CacheLayer(Layer):
         while True:
             connection = self.connections[index] = Connection(self)
             try:
-                await asyncio.wait_for(self._connect(connection), self.timeout)
+                # Not wait_for: in 3.11 it swallows a cancel that lands as the connect fails.
+                async with asyncio.timeout(self.timeout):
+                    await self._connect(connection)
             except (OSError, TimeoutError) as error:
                 failures += 1
                 self.count_error("timeout" if isinstance(error, TimeoutError) else "connect")

@@ -25,6 +25,8 @@ from purged.pipeline import Pipeline
 from purged.systemd import Notifier
 
 HOUSEKEEPING_INTERVAL = 0.25  # seconds between gauge updates and readiness checks
+CLOSE_TIMEOUT = 5.0  # seconds for the final commit and leaving the group, after the drain
+FORCED_CLOSE_TIMEOUT = 1.0  # the same after a second signal
 
 
 @dataclass
@@ -119,13 +121,13 @@ async def serve(config: Config) -> int:
         async with asyncio.TaskGroup() as tasks:
             layers = [tasks.create_task(backend.run()), tasks.create_task(frontend.run())]
             keeper = tasks.create_task(
-                _housekeeping(pipeline, backend, frontend, kafka, htcp is not None, notifier)
+                _housekeeping(pipeline, backend, frontend, kafka, htcp, notifier)
             )
             kafka_task = htcp_task = None
             if kafka is not None:
                 kafka_task = tasks.create_task(_consume(kafka, outcome, stop))
             if htcp is not None:
-                htcp_task = tasks.create_task(htcp.run())
+                htcp_task = tasks.create_task(_listen(htcp, outcome, stop))
 
             await stop.wait()
             notifier.notify("STOPPING=1")
@@ -142,7 +144,15 @@ async def serve(config: Config) -> int:
                     outcome.exit_code = 1
             if kafka is not None:
                 if outcome.exit_code == 0 or force.is_set():
-                    kafka.close()  # commits what is finished, nothing else
+                    # Commits what is finished, nothing else; bounded, because librdkafka
+                    # waits for an unreachable coordinator. After a second signal, barely.
+                    forced = force.is_set()
+                    await kafka.close(
+                        FORCED_CLOSE_TIMEOUT if forced else CLOSE_TIMEOUT,
+                        give_up=None if forced else force,
+                    )
+                    if force.is_set():
+                        outcome.exit_code = 1
                 log.info("kafka: %d consumed messages left for the next start", kafka.unfinished)
             for task in [*layers, keeper]:
                 task.cancel()
@@ -162,6 +172,18 @@ async def _consume(kafka: KafkaSource, outcome: _Outcome, stop: asyncio.Event) -
     except FatalKafkaError as error:
         log.error("kafka: fatal error, exiting so that the service is restarted: %s", error)
         outcome.exit_code = 1
+        stop.set()
+
+
+async def _listen(htcp: HtcpSource, outcome: _Outcome, stop: asyncio.Event) -> None:
+    try:
+        await htcp.run()
+    except OSError as error:
+        # A group or interface that cannot be joined is a configuration error, not a crash.
+        log.error(
+            "cannot listen for HTCP (-mcast_addrs, -mcast_iface): %s", error.strerror or error
+        )
+        outcome.exit_code = 2
         stop.set()
 
 
@@ -188,7 +210,7 @@ async def _housekeeping(
     backend: CacheLayer,
     frontend: CacheLayer,
     kafka: KafkaSource | None,
-    htcp: bool,
+    htcp: HtcpSource | None,
     notifier: Notifier,
 ) -> None:
     """Publish the gauges, tell systemd when we are ready, and feed its watchdog."""
@@ -200,8 +222,11 @@ async def _housekeeping(
         backend_backlog.set(backend.backlog)
         frontend_backlog.set(frontend.backlog)
         metrics.pending.set(pipeline.pending)
+        if htcp is not None:
+            htcp.count_kernel_drops()
         if not ready:
-            consuming = htcp or (kafka is not None and kafka.consuming)
+            # Every configured source: the HTCP socket has joined, Kafka has partitions.
+            consuming = (htcp is None or htcp.ready.is_set()) and (kafka is None or kafka.consuming)
             connected = all(
                 any(c.ready for c in layer.connections) for layer in (backend, frontend)
             )

@@ -9,7 +9,9 @@ the low-water mark of each partition's finished messages (see `PartitionTrack`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from typing import Any
 
@@ -30,6 +32,7 @@ from purged.url import UrlError, parse_purge_url
 
 BATCH = 1000  # messages per consume() call
 COMMIT_INTERVAL = 1.0  # seconds between periodic commits
+PAUSED_POLL_INTERVAL = 0.1  # seconds between polls while consumption is paused
 MAX_TAGS = 64  # distinct `tag` label values before the rest are counted as "other"
 # librdkafka prefetches up to 64 MiB per consumer by default; purged needs far less to keep
 # the caches busy, and the memory bound matters more on a cache host.
@@ -65,6 +68,7 @@ class KafkaSource:
         self.paused = False
         self.fatal: KafkaError | None = None
         self.consuming = False  # set once the first assignment arrived
+        self._closing = False  # close() runs in its own thread from then on
         self._stopping = asyncio.Event()
         self._newest: dict[str, float] = {}
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -91,25 +95,36 @@ class KafkaSource:
             on_lost=self._on_lost,
         )
         log.info("consuming topics %s", ",".join(self.topics))
-        room = self.pipeline.room
+        pipeline = self.pipeline
+        room = pipeline.room
         next_commit = time.monotonic() + COMMIT_INTERVAL
         while not self._stopping.is_set():
             if self.fatal is not None:
                 raise FatalKafkaError(self.fatal.str())
-            if not room.is_set():
+            if room.is_set():
+                if self.paused:
+                    self._resume()
+                # Never take more than the pipeline has room for: pending stays bounded.
+                limit = min(BATCH, max(1, pipeline.max_pending - pipeline.pending))
+            else:
                 self._pause()
-                await _first(room.wait(), self._stopping.wait())
-                continue
-            if self.paused:
-                self._resume()
-            messages = consumer.consume(BATCH, 0)
+                # Paused partitions return nothing, but polling still serves rebalances and
+                # errors, and keeps librdkafka from leaving the group (max.poll.interval.ms).
+                limit = BATCH
+            messages = consumer.consume(limit, 0)
             if messages:
                 self._handle(messages)
             if time.monotonic() >= next_commit:
                 self.commit()
                 next_commit = time.monotonic() + COMMIT_INTERVAL
-            # A full batch means more is waiting: yield to the caches, then read on at once.
-            await asyncio.sleep(0 if len(messages) == BATCH else 0.001 if messages else 0.005)
+            if self.paused:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        _first(room.wait(), self._stopping.wait()), PAUSED_POLL_INTERVAL
+                    )
+            else:
+                # A full batch means more is waiting: yield to the caches, then read on at once.
+                await asyncio.sleep(0 if len(messages) == limit else 0.001 if messages else 0.005)
         if self.fatal is not None:
             raise FatalKafkaError(self.fatal.str())
 
@@ -204,14 +219,13 @@ class KafkaSource:
         else:
             found = (self.tracks.get((p.topic, p.partition)) for p in partitions)
             tracks = [track for track in found if track is not None]
-        moved = [
-            (track, track.committable)
-            for track in tracks
-            if track.committable is not None and track.committable != track.committed
-        ]
-        if not moved:
-            return
-        offsets = [TopicPartition(t.topic, t.partition, offset) for t, offset in moved]
+        moved = _moved(tracks)
+        if moved and self._send_commit(_offsets(moved), wait):
+            for track, offset in moved:
+                track.committed = offset
+
+    def _send_commit(self, offsets: list[TopicPartition], wait: bool) -> bool:
+        """Ask the broker to commit `offsets`; False if the request could not be made."""
         try:
             if wait:
                 self.consumer.commit(offsets=offsets, asynchronous=False)
@@ -220,17 +234,52 @@ class KafkaSource:
         except KafkaException as error:
             metrics.kafka_commits.labels("error").inc()
             ratelimited.warning("commit", "offset commit failed: %s", error)
-            return
-        for track, offset in moved:
-            track.committed = offset
+            return False
         if wait:
             metrics.kafka_commits.labels("ok").inc()
+        return True
 
-    def close(self) -> None:
-        """Commit what is finished and leave the group."""
-        if self.fatal is None:
-            self.commit(wait=True)
-        self.consumer.close()
+    async def close(self, timeout: float, give_up: asyncio.Event | None = None) -> bool:
+        """Commit what is finished and leave the group; False if that took over `timeout` s.
+
+        librdkafka blocks a commit while the group coordinator is unreachable (up to
+        session.timeout.ms), so the commit and close run in a thread: the loop stays free to
+        serve a second signal (`give_up`), and the process may exit without waiting for it.
+        Nothing is committed after a fatal error.
+        """
+        offsets = [] if self.fatal is not None else _offsets(_moved(list(self.tracks.values())))
+        self._closing = True  # from now on callbacks run in the closing thread
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+
+        def set_closed() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        def close_consumer() -> None:
+            try:
+                if offsets:
+                    self._send_commit(offsets, wait=True)
+                self.consumer.close()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: we gave up
+                    loop.call_soon_threadsafe(set_closed)
+
+        threading.Thread(target=close_consumer, name="kafka-close", daemon=True).start()
+        waits: list[asyncio.Future[Any]] = [closed]
+        if give_up is not None:
+            waits.append(asyncio.ensure_future(give_up.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits[1:]:
+                waiting.cancel()
+        if not closed.done():
+            log.warning(
+                "kafka: commit and close did not finish (broker unreachable?); exiting anyway"
+            )
+            return False
+        return True
 
     @property
     def unfinished(self) -> int:
@@ -243,17 +292,26 @@ class KafkaSource:
             self.tracks[(p.topic, p.partition)] = PartitionTrack(p.topic, p.partition)
         log.info("assigned %s", _names(partitions))
         self.consuming = True
+        # Assign now, so that the pause state below applies to them: librdkafka keeps a
+        # partition's pause across a revoke and a new assignment, paused or not by us now.
+        consumer.assign(partitions)
         if self.paused:
             consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", _names(partitions))
+        if self._closing:  # close() committed already; the tracks belong to the loop
+            return
         self.commit(partitions, wait=True)
         for p in partitions:
             self.tracks.pop((p.topic, p.partition), None)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("lost %s (not committing them)", _names(partitions))
+        if self._closing:
+            return
         for p in partitions:
             self.tracks.pop((p.topic, p.partition), None)
 
@@ -261,10 +319,12 @@ class KafkaSource:
         if error.code() == KafkaError._PARTITION_EOF:
             return
         metrics.kafka_errors.labels(error.name()).inc()
-        if error.fatal():
+        # A fatal error comes as a consumer error with code _FATAL, whose fatal() is False.
+        if error.fatal() or error.code() == KafkaError._FATAL:
             log.error("kafka: fatal error: %s", error.str())
             self.fatal = error
-            self._stopping.set()
+            if not self._closing:  # asyncio events are not thread-safe
+                self._stopping.set()
         else:
             ratelimited.warning(f"kafka-{error.code()}", "kafka: %s", error.str())
 
@@ -301,6 +361,19 @@ class _RdkafkaLog(logging.Logger):
             ratelimited.warning(f"rdkafka-{facility}", "kafka: %s: %s", facility, text)
         else:
             log.log(level, "kafka: %s: %s", facility, text)
+
+
+def _moved(tracks: list[PartitionTrack]) -> list[tuple[PartitionTrack, int]]:
+    """The tracks whose low-water mark moved since their last commit, with the new mark."""
+    return [
+        (track, track.committable)
+        for track in tracks
+        if track.committable is not None and track.committable != track.committed
+    ]
+
+
+def _offsets(moved: list[tuple[PartitionTrack, int]]) -> list[TopicPartition]:
+    return [TopicPartition(track.topic, track.partition, offset) for track, offset in moved]
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -66,6 +66,12 @@ htcp_dropped = Counter(
     "Good HTCP packets dropped because the pipeline was full",
     registry=REGISTRY,
 )
+# new: datagrams the kernel dropped because the socket's receive buffer was full.
+udp_kernel_drops = Counter(
+    "purged_udp_kernel_drops",
+    "Multicast datagrams dropped by the kernel (receive buffer full), read from the socket",
+    registry=REGISTRY,
+)
 # new: coalesced duplicates (issue 5).
 coalesced = Counter(
     "purged_coalesced",

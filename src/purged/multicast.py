@@ -146,6 +146,11 @@ def _set_receive_buffer(sock: socket.socket, bufsize: int) -> None:
         log.info("HTCP: receive buffer is %d bytes (asked %d)", given, bufsize)
 
 
+_SO_MEMINFO = 55  # from <asm-generic/socket.h>; Python has no constant for it
+_SK_MEMINFO_VARS = 9  # u32 fields of struct sk_meminfo
+_SK_MEMINFO_DROPS = 8  # index of the socket's drop count
+
+
 class HtcpSource:
     """Reads HTCP CLR datagrams from multicast groups and submits their URLs as purges.
 
@@ -173,6 +178,8 @@ class HtcpSource:
         # One byte more than the largest datagram accepted, so that a bigger one shows.
         self._buffer = bytearray(MAX_DATAGRAM + 1)
         self._view = memoryview(self._buffer)
+        self._socket: socket.socket | None = None
+        self._kernel_drops = 0
         self._good = metrics.htcp_packets.labels("good")
         self._bad = metrics.htcp_packets.labels("bad")
 
@@ -185,6 +192,7 @@ class HtcpSource:
         sock = open_socket(self.groups, self.port, self.iface, self.bufsize)
         try:
             self.port = sock.getsockname()[1]
+            self._socket = sock
             fd = sock.fileno()
             loop.add_reader(fd, self._read_batch, sock)
             try:
@@ -194,7 +202,25 @@ class HtcpSource:
                 loop.remove_reader(fd)
         finally:
             self.ready.clear()
+            self._socket = None
             sock.close()
+
+    def count_kernel_drops(self) -> None:
+        """Add the datagrams the kernel dropped since the last call to their counter.
+
+        The receive buffer overflows when bursts outrun us; only the kernel sees those
+        losses, and this makes them visible (SO_MEMINFO's SK_MEMINFO_DROPS, Linux >= 4.6).
+        """
+        if self._socket is None:
+            return
+        try:
+            meminfo = self._socket.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 4 * _SK_MEMINFO_VARS)
+        except OSError:
+            return
+        drops = int.from_bytes(meminfo[4 * _SK_MEMINFO_DROPS : 4 * _SK_MEMINFO_DROPS + 4], "little")
+        if drops > self._kernel_drops:
+            metrics.udp_kernel_drops.inc(drops - self._kernel_drops)
+        self._kernel_drops = drops
 
     def _read_batch(self, sock: socket.socket) -> None:
         """Reader callback: handle up to BATCH datagrams; never raises for bad input."""

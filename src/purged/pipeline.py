@@ -85,12 +85,13 @@ class PartitionTrack:
 class Purge:
     """One URL on its way through the layers, with the Kafka messages waiting for it."""
 
-    __slots__ = ("attempts", "dead", "due", "request", "tickets")
+    __slots__ = ("attempts", "dead", "due", "failing_since", "request", "tickets")
 
     def __init__(self, request: bytes, tickets: list[Ticket]) -> None:
         self.request = request  # the complete PURGE request, the same bytes for both layers
         self.tickets = tickets
         self.attempts = 0  # 5xx answers in the current layer
+        self.failing_since = 0.0  # loop time of the first of those answers
         self.due = 0.0  # loop time when the frontend may send it
         self.dead = False  # superseded by a later purge of the same URL: skip it
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-# Anything at or below space, and DEL: never allowed anywhere in a URL we forward.
-_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+# Controls (C0, DEL, C1) and space: never allowed anywhere in a URL we forward.
+_UNSAFE = re.compile(r"[\x00-\x20\x7f-\x9f]")
 # Characters of a host[:port] (reg-name, IPv4, [IPv6]); percent-encoded hosts are refused.
 _HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 _USER_AGENT = b"purged"
+# Longer URLs are refused: Varnish resets the connection without an answer when a request
+# head exceeds its http_req_size (32 KiB), so such a purge would be re-sent forever.
+MAX_URL_LENGTH = 8192
 
 
 class UrlError(ValueError):
@@ -35,6 +38,8 @@ def parse_purge_url(uri: str) -> PurgeTarget:
     The fragment is dropped; an empty path becomes "/"; userinfo is dropped; non-ASCII is
     percent-encoded as UTF-8 and existing percent-encoding is kept as sent.
     """
+    if len(uri) > MAX_URL_LENGTH:
+        raise UrlError(f"URL longer than {MAX_URL_LENGTH} characters")
     if _UNSAFE.search(uri):
         raise UrlError("control character or space in URL")
     scheme, sep, rest = uri.partition("://")
@@ -59,6 +64,8 @@ def parse_purge_url(uri: str) -> PurgeTarget:
         target = "/" + target
     if not target.isascii():
         target = _percent_encode_non_ascii(target)
+        if len(target) > MAX_URL_LENGTH:
+            raise UrlError(f"URL longer than {MAX_URL_LENGTH} bytes once percent-encoded")
     return PurgeTarget(host, target)
 
 
