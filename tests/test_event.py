@@ -143,6 +143,12 @@ def test_tags_of_the_wrong_type_give_an_empty_tag(tags: Any) -> None:
     assert decoded.tag == ""
 
 
+def test_root_event_that_is_not_an_object_is_a_bad_time_not_a_discarded_event() -> None:
+    decoded = decode_event(event(meta={"uri": URI, "dt": "2020-05-07T09:48:24.065Z"}, root_event=5))
+    assert decoded.uri == URI
+    assert decoded.timestamp is None and decoded.bad_time
+
+
 # --- discarded messages -----------------------------------------------------------------
 
 

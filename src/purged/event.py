@@ -28,14 +28,10 @@ class _Meta(msgspec.Struct):
     dt: object = None
 
 
-class _RootEvent(msgspec.Struct):
-    dt: object = None
-
-
 class _ResourceChange(msgspec.Struct):
     meta: _Meta | None = None
     tags: object = None
-    root_event: _RootEvent | None = None
+    root_event: object = None  # a JSON object with "dt"; anything else means "no time"
 
 
 _decoder = msgspec.json.Decoder(_ResourceChange)
@@ -54,10 +50,9 @@ def decode_event(message: bytes) -> Event:
     meta = event.meta
     if meta is None or not isinstance(meta.uri, str) or not meta.uri:
         raise EventError("event without meta.uri")
-    raw_time = None
-    if event.root_event is not None and event.root_event.dt is not None:
-        raw_time = event.root_event.dt
-    elif meta.dt is not None:
+    root_event = event.root_event
+    raw_time = root_event.get("dt") if isinstance(root_event, dict) else root_event
+    if raw_time is None:
         raw_time = meta.dt
     timestamp = parse_time(raw_time) if raw_time is not None else None
     tags = event.tags
