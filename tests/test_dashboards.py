@@ -339,7 +339,7 @@ def test_dashboard_is_well_formed() -> None:
 
 
 def test_operations_doc_quotes_the_cache_settings_the_tests_use() -> None:
-    doc = (REPO / "docs" / "operations.md").read_text()
+    doc = (REPO / "README.md").read_text()
     for snippet in (
         "deploy/varnish/purge.vcl",
         "deploy/trafficserver/records.config.snippet",
@@ -350,6 +350,6 @@ def test_operations_doc_quotes_the_cache_settings_the_tests_use() -> None:
 
 
 def test_operations_doc_lists_the_alerts_of_the_rules_file() -> None:
-    doc = (REPO / "docs" / "operations.md").read_text()
+    doc = (REPO / "README.md").read_text()
     for found in rules():
         assert f"| {found['alert']} |" in doc, found["alert"]

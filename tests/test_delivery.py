@@ -25,7 +25,7 @@ from purged.pipeline import PartitionTrack, Pipeline, Purge
 from purged.url import PurgeTarget
 from tests.support.broker import Broker
 from tests.support.faults import committed, resource_changes
-from tests.support.purged_proc import Daemons, wait_until
+from tests.support.purged_proc import Daemons, Purged, wait_until
 from tests.support.recorder import Recorder
 
 WAIT = 60.0  # seconds: bound of every wait for the daemon (2 noisy cores)
@@ -48,10 +48,22 @@ def produce_pages(broker: Broker, topic: str, count: int) -> list[str]:
     return paths
 
 
-def received_all(layer: Recorder, paths: list[str], since: int = 0) -> Callable[[], bool]:
-    """A condition: every path reached ``layer`` (in its requests from index ``since`` on)."""
-    wanted = set(paths)
-    return lambda: wanted <= set(layer.targets()[since:])
+def received_all(layer: Recorder, paths: list[str], since: int = 0) -> bool:
+    """Every path reached ``layer`` (in its requests from index ``since`` on)."""
+    return set(paths) <= set(layer.targets()[since:])
+
+
+def wait_received(
+    layer: Recorder, paths: list[str], timeout: float, since: int = 0, daemon: Purged | None = None
+) -> None:
+    """Wait until every path reached ``layer`` (counting first: sets of 1M paths are slow)."""
+    deadline = time.monotonic() + timeout
+    wait_until(lambda: layer.count() - since >= len(paths), timeout, "enough requests", daemon)
+    while not received_all(layer, paths, since):
+        if time.monotonic() > deadline:
+            missing = set(paths) - set(layer.targets()[since:])
+            raise AssertionError(f"{len(missing)} pages never reached {layer.address}")
+        time.sleep(0.5)
 
 
 # -- the bookkeeping -------------------------------------------------------------------------
@@ -238,8 +250,8 @@ def test_sigterm_mid_stream_drains_commits_and_the_restart_purges_only_the_rest(
 
     restarted_at = frontend.count()
     daemons.start(**flags)
-    wait_until(received_all(frontend, paths), WAIT, "every page purged after the restart")
-    assert received_all(backend, paths)()
+    wait_received(frontend, paths, WAIT)
+    assert received_all(backend, paths)
     assert frontend.count() == backend.count() == total  # the restart re-purged nothing
     assert frontend.count() - restarted_at == total - len(purged)
 
@@ -279,8 +291,8 @@ def test_sigkill_mid_stream_loses_nothing_and_the_restart_resumes_at_the_commit(
 
     restarted_at = frontend.count()
     daemons.start(**flags)
-    wait_until(received_all(frontend, paths), WAIT, "every page purged after the restart")
-    assert received_all(backend, paths)()
+    wait_received(frontend, paths, WAIT)
+    assert received_all(backend, paths)
     # The restart read on from the committed offsets: the rest, and nothing before.
     wait_until(lambda: frontend.count() - restarted_at >= total - done, WAIT, "the rest purged")
     time.sleep(0.5)
@@ -342,7 +354,7 @@ def test_purges_unfinished_at_the_shutdown_timeout_are_not_committed(
     frontend.stall = False
     restarted_at = frontend.count()
     daemons.start(**flags)
-    wait_until(received_all(frontend, paths, restarted_at), WAIT, "purged again after restart")
+    wait_received(frontend, paths, WAIT, since=restarted_at)
 
 
 def test_a_second_signal_exits_at_once_and_commits_nothing_unfinished(
@@ -405,8 +417,8 @@ def test_a_daemon_joining_then_leaving_the_group_mid_stream_loses_nothing(
     assert second.wait(WAIT) == 0, second.tail()
     assert frontend.count() < total, "the stream ended before the second daemon left"
 
-    wait_until(received_all(frontend, paths), 2 * WAIT, "every page purged", first)
-    assert received_all(backend, paths)()
+    wait_received(frontend, paths, 2 * WAIT, daemon=first)
+    assert received_all(backend, paths)
     log = first.log()
     assert log.count("revoked") >= 2 and log.count("assigned") >= 3, log  # joined, left
 
@@ -454,9 +466,9 @@ def test_a_slow_cache_pauses_consumption_and_memory_stays_bounded(
 
     frontend.delay = 0
     started = time.monotonic()
-    wait_until(received_all(frontend, paths), WAIT + events / 2_000, "every page purged", daemon)
+    wait_received(frontend, paths, WAIT + events / 2_000, daemon=daemon)
     delivered_in = time.monotonic() - started
-    assert received_all(backend, paths)()
+    assert received_all(backend, paths)
     peak = daemon.memory_kib()["VmHWM"]
     print(
         f"\n{events} events: RSS {paused_rss / 1024:.0f} MiB while paused, "
@@ -490,7 +502,7 @@ def test_a_long_pause_keeps_the_consumer_in_its_group(
     daemon.wait_metric("purged_kafka_paused", lambda v: v == 1, WAIT)
     time.sleep(poll_interval * 1.5)
     frontend.stall = False
-    wait_until(received_all(frontend, paths), WAIT, "every page purged", daemon)
+    wait_received(frontend, paths, WAIT, daemon=daemon)
     log = daemon.log()
     assert "maximum poll interval" not in log
     assert "lost" not in log and "revoked" not in log
