@@ -229,11 +229,13 @@ def test_connection_closed_mid_pipeline_resends_the_unanswered_and_counts_each_o
 
     assert len(backend.requests) > len(paths), "no request was left unanswered by a close"
     assert backend.connections_opened >= len(paths) // 10
-    answered = Counter(request.target for request, _status in backend.answered)
-    assert answered == Counter(paths), "a purge was lost or answered twice"
-    assert Counter(frontend.targets()) == Counter(paths)
+    # None lost. (The backend may have answered a few twice: closing a socket with unread
+    # requests sends a reset, which can destroy answers already sent; those are re-sent.)
+    assert {request.target for request, _status in backend.answered} == set(paths)
+    # None counted twice: one answer read per purge, and one frontend purge each.
     assert answers(daemon, "backend") == len(paths)
     assert answers(daemon, "frontend") == len(paths)
+    assert Counter(frontend.targets()) == Counter(paths)
     assert daemon.metric("purged_purges_resent_total", layer="backend") > 0
 
 

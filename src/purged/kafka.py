@@ -34,6 +34,7 @@ BATCH = 1000  # messages per consume() call
 COMMIT_INTERVAL = 1.0  # seconds between periodic commits
 PAUSED_POLL_INTERVAL = 0.1  # seconds between polls while consumption is paused
 MAX_TAGS = 64  # distinct `tag` label values before the rest are counted as "other"
+MAX_TAG_LENGTH = 64  # longer tags are counted as "other" too
 # librdkafka prefetches up to 64 MiB per consumer by default; purged needs far less to keep
 # the caches busy, and the memory bound matters more on a cache host.
 DEFAULTS = {"queued.max.messages.kbytes": 16384}
@@ -188,11 +189,14 @@ class KafkaSource:
         key = (tag, status, topic)
         counter = self._counters.get(key)
         if counter is None:
-            if tag not in self._tags:
-                if len(self._tags) >= MAX_TAGS:
-                    return self._count("other", status, topic)
+            # Label values are bounded in number and length: the rest count as "other".
+            if tag in self._tags or (len(self._tags) < MAX_TAGS and len(tag) <= MAX_TAG_LENGTH):
                 self._tags.add(tag)
-            counter = self._counters[key] = metrics.events_received.labels(tag, status, topic)
+            else:
+                key = ("other", status, topic)
+                counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = metrics.events_received.labels(*key)
         counter.inc()
 
     # --- backpressure -----------------------------------------------------------------

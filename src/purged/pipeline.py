@@ -109,7 +109,9 @@ class Pipeline:
 
     def __init__(self, *, max_pending: int, host_regex: re.Pattern[str] | None = None) -> None:
         self.max_pending = max_pending
-        self._resume_at = max(0, max_pending * 9 // 10)
+        # Resume at half: librdkafka takes up to ~1 s to fetch again after a resume, and the
+        # caches must not run dry meanwhile.
+        self._resume_at = max_pending // 2
         self._host_regex = host_regex
         self.pending = 0  # purges accepted and not finished on both layers
         self.backend: Layer = Layer()

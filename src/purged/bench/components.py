@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from purged.embedded.broker import Broker
 from purged.embedded.processes import free_port
@@ -139,14 +139,11 @@ class Daemon:
         backend: str,
         frontend: str,
         flags: list[str],
-        fetch_wait_ms: int = 5,
+        kafka: dict[str, Any],
     ) -> None:
         config = workdir / f"{group}.json"
-        # A short fetch.wait.max.ms: Tansu answers a fetch that found no data only when that
-        # wait expires, even if data arrives meanwhile (Kafka answers at once), which would
-        # add up to librdkafka's default 500 ms to every latency.
-        settings = broker.kafka_config(group, **{"fetch.wait.max.ms": fetch_wait_ms})
-        config.write_text(json.dumps({**settings, "client.id": "purged"}))
+        settings = {**broker.kafka_config(group), "client.id": "purged", **kafka}
+        config.write_text(json.dumps(settings))
         self.metrics_port = free_port()
         self.process = Process(
             [

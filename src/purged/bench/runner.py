@@ -137,6 +137,17 @@ class Bench:
             *args.daemon_flag,
         ]
 
+    def kafka_properties(self) -> dict[str, Any]:
+        """The daemon's librdkafka properties on top of the broker's test defaults."""
+        # A short fetch.wait.max.ms: Tansu answers a fetch that found no data only when that
+        # wait expires, even if data arrives meanwhile (Kafka answers at once), which would
+        # add up to librdkafka's default 500 ms to every latency.
+        properties: dict[str, Any] = {"fetch.wait.max.ms": self.args.fetch_wait_ms}
+        for item in self.args.kafka_property:
+            key, _, value = item.partition("=")
+            properties[key] = int(value) if value.lstrip("-").isdigit() else value
+        return properties
+
     def preload(self, topic: str, count: int) -> None:
         """Create `topic` and fill it with `count` events for the URLs 0..count-1."""
         partitions = self.args.partitions
@@ -244,7 +255,7 @@ def run_sink(bench: Bench, sink: SinkProcess, index: int) -> dict[str, Any]:
         sink.backend_addr,
         sink.frontend_addr,
         bench.daemon_flags(args.frontend_delay),
-        args.fetch_wait_ms,
+        bench.kafka_properties(),
     )
     result: dict[str, Any] = {"run": index, "loadavg_before": load_before}
     try:
@@ -299,7 +310,7 @@ def run_sink(bench: Bench, sink: SinkProcess, index: int) -> dict[str, Any]:
                 sink.backend_addr,
                 sink.frontend_addr,
                 bench.daemon_flags(0),
-                args.fetch_wait_ms,
+                bench.kafka_properties(),
             )
             daemon.wait_ready()
         result.update(latency_run(bench, sink, daemon, topic))
@@ -444,7 +455,7 @@ def run_caches(bench: Bench, ats: TrafficServer, varnish: Varnish, index: int) -
         ats.address,
         varnish.address,
         bench.daemon_flags(args.frontend_delay),
-        args.fetch_wait_ms,
+        bench.kafka_properties(),
     )
     samples: list[tuple[float, float, float, int, int]] = []
     try:
@@ -674,6 +685,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra daemon flag, e.g. --daemon-flag=-max_pending=50000 (repeatable)",
     )
     parser.add_argument(
+        "--kafka-property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra librdkafka property for the daemon, e.g. queued.max.messages.kbytes=4096",
+    )
+    parser.add_argument(
         "--profile",
         default="",
         help="command started with the throughput run's daemon ({pid} = its pid) and stopped "
@@ -722,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_seconds": args.latency_seconds,
         "daemon_flags": args.daemon_flag,
         "fetch_wait_ms": args.fetch_wait_ms,
+        "kafka_properties": args.kafka_property,
         "quick": args.quick,
     }
     report: dict[str, Any] = {
