@@ -51,7 +51,8 @@ def test_quick_run_against_the_sink_writes_sane_results(tmp_path: Path) -> None:
     assert 0 < run["latency_p50_ms"] <= run["latency_p99_ms"] <= run["latency_max_ms"]
     assert sink["median"]["urls_per_s"] == run["urls_per_s"]
     assert sink["limit"]["rate"] > 0
-    assert 0 < sink["latency_floor"]["p50_ms"] <= sink["latency_floor"]["p99_ms"]
+    assert 0 < run["floor_p50_ms"] <= run["floor_p99_ms"] <= run["floor_max_ms"]
+    assert sink["median"]["latency_added_p99_ms"] == run["latency_added_p99_ms"]
     assert sink["fraction_of_limit"] > 0
 
 

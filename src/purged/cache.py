@@ -81,9 +81,11 @@ class Connection(asyncio.Protocol):
             return
         self.answered += len(statuses)
         inflight = self.inflight
-        answered = self.layer.answered
+        layer = self.layer
+        if statuses:
+            layer.count_answers(statuses)
         for status in statuses:
-            answered(inflight.popleft(), status)
+            layer.answered(inflight.popleft(), status)
         if self.reader.closing and self.transport is not None:
             self.transport.close()  # the cache asked to close; unanswered ones go back
         if statuses:
@@ -96,6 +98,7 @@ class Connection(asyncio.Protocol):
         status = self.reader.eof()
         if status is not None and self.inflight:
             self.answered += 1
+            self.layer.count_answers([status])
             self.layer.answered(self.inflight.popleft(), status)
         if self.error is None and self.inflight:
             self.error = "reset" if exc is not None else "closed"
@@ -237,14 +240,25 @@ class CacheLayer(Layer):
                 connection.send(batch)
         self._next_connection = (start + 1) % count
 
-    def answered(self, purge: Purge, status: int) -> None:
-        """A response was read for `purge`."""
+    def count_answers(self, statuses: list[int]) -> None:
+        """Count the responses of one read: one counter update per status, not per answer."""
+        first = statuses[0]
+        if statuses.count(first) == len(statuses):
+            self._status_counter(first).inc(len(statuses))
+            return
+        for status in set(statuses):
+            self._status_counter(status).inc(statuses.count(status))
+
+    def _status_counter(self, status: int) -> Any:
         counter = self._status_counters.get(status)
         if counter is None:
             counter = self._status_counters[status] = metrics.http_requests.labels(
                 str(status), self.name
             )
-        counter.inc()
+        return counter
+
+    def answered(self, purge: Purge, status: int) -> None:
+        """A response was read for `purge` (and counted by `count_answers`)."""
         if status >= 500:
             now = self.loop.time()
             purge.attempts += 1

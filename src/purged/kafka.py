@@ -138,6 +138,7 @@ class KafkaSource:
         newest = self._newest
         newest_changed = False
         now = time.time()
+        tally: dict[tuple[str, str, str], int] = {}  # counted once per batch, not per event
         for message in messages:
             error = message.error()
             if error is not None:
@@ -153,7 +154,8 @@ class KafkaSource:
                 event = decode_event(message.value() or b"")
             except EventError as error:
                 ratelimited.warning("event", "discarding message %s@%d: %s", topic, offset, error)
-                self._count("", "discarded", topic)
+                key = ("", "discarded", topic)
+                tally[key] = tally.get(key, 0) + 1
                 track.skip(offset)
                 continue
             timestamp = event.timestamp
@@ -167,7 +169,8 @@ class KafkaSource:
                 newest[topic] = timestamp
                 newest_changed = True
             if max_age and now - timestamp > max_age:
-                self._count(event.tag, "expired", topic)
+                key = (event.tag, "expired", topic)
+                tally[key] = tally.get(key, 0) + 1
                 track.skip(offset)
                 continue
             try:
@@ -177,15 +180,19 @@ class KafkaSource:
                     "url", "discarding event %s@%d: %s: %r", topic, offset, error, event.uri[:200]
                 )
                 metrics.urls_skipped.labels("invalid_url").inc()
-                self._count(event.tag, "discarded", topic)
+                key = (event.tag, "discarded", topic)
+                tally[key] = tally.get(key, 0) + 1
                 track.skip(offset)
                 continue
-            self._count(event.tag, "ok", topic)
+            key = (event.tag, "ok", topic)
+            tally[key] = tally.get(key, 0) + 1
             pipeline.submit(target, track.ticket(offset))
+        for (tag, status, name), count in tally.items():
+            self._count(tag, status, name, count)
         if newest_changed:
             metrics.snapshots.publish_newest(newest)
 
-    def _count(self, tag: str, status: str, topic: str) -> None:
+    def _count(self, tag: str, status: str, topic: str, count: int) -> None:
         key = (tag, status, topic)
         counter = self._counters.get(key)
         if counter is None:
@@ -197,7 +204,7 @@ class KafkaSource:
                 counter = self._counters.get(key)
             if counter is None:
                 counter = self._counters[key] = metrics.events_received.labels(*key)
-        counter.inc()
+        counter.inc(count)
 
     # --- backpressure -----------------------------------------------------------------
     def _pause(self) -> None:
