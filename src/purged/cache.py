@@ -24,7 +24,6 @@ from purged.pipeline import Layer, Purge
 
 BACKOFF_FIRST = 0.05  # seconds before the first reconnect attempt after a failure
 BACKOFF_MAX = 5.0  # reconnects never wait longer than this
-RETRY_5XX_PERIOD = 30.0  # seconds of 5xx answers to a purge before it is given up on a layer
 
 
 @dataclass(frozen=True)
@@ -165,27 +164,38 @@ class CacheLayer(Layer):
         self._timer: asyncio.TimerHandle | None = None
         self._coalesced = metrics.coalesced.labels(name)
         self._resent = metrics.purges_resent.labels(name)
-        self._failed = metrics.purges_failed.labels(name)
         self._status_counters: dict[int, Any] = {}
 
     # --- accepting purges -------------------------------------------------------------
     def enqueue(self, purge: Purge) -> bool:
         """Queue a purge; False when it was merged into one of the same URL not yet sent."""
         older = self.waiting.get(purge.request)
+        now = self.loop.time()
+        due = now + self.delay
         if older is not None:
-            self._coalesced.inc()
             if not self.delay:
+                self._coalesced.inc()
                 older.tickets.extend(purge.tickets)  # the older one is sent later than now
                 return False
-            # The newer one must wait its full delay: it replaces the older one.
-            older.dead = True
-            purge.tickets.extend(older.tickets)
-            older.tickets = []
-            if self._on_superseded is not None:
-                self._on_superseded(older)
+            # The newer one must wait its full delay after its own backend answer, so it
+            # replaces the older one, which is sent later than it was due. At most one delay
+            # later, though: a URL purged over and over still reaches the frontend (and its
+            # offsets get committed) about once per delay.
+            if older.due > now and due <= older.latest_due:
+                self._coalesced.inc()
+                older.dead = True
+                purge.tickets.extend(older.tickets)
+                older.tickets = []
+                purge.latest_due = older.latest_due
+                if self._on_superseded is not None:
+                    self._on_superseded(older)
+            else:
+                purge.latest_due = due + self.delay  # the older one goes out when due
+        else:
+            purge.latest_due = due + self.delay
         self.waiting[purge.request] = purge
         if self.delay:
-            purge.due = self.loop.time() + self.delay
+            purge.due = due
             self.delayed.append(purge)
             if self._timer is None:
                 self._timer = self.loop.call_at(purge.due, self._release)
@@ -260,26 +270,21 @@ class CacheLayer(Layer):
     def answered(self, purge: Purge, status: int) -> None:
         """A response was read for `purge` (and counted by `count_answers`)."""
         if status >= 500:
-            now = self.loop.time()
+            # The cache cannot purge now (restarting, overloaded): the purge is not done.
+            # Retried with capped back-off until it is answered otherwise, like a connection
+            # failure; meanwhile the backlog grows and backpressure pauses consumption.
             purge.attempts += 1
-            if purge.attempts == 1:
-                purge.failing_since = now
-            # Bounded by time, not by count: a cache restarting answers 5xx for a while.
-            if now - purge.failing_since < RETRY_5XX_PERIOD:
-                self.retrying += 1
-                self.loop.call_later(_backoff(purge.attempts), self._retry, purge)
-                return
-            self._failed.inc()
+            self.retrying += 1
+            self.loop.call_later(_backoff(purge.attempts), self._retry, purge)
             ratelimited.warning(
-                f"{self.name}-failed",
-                "%s cache %s answered %d %d times in %.0f s; giving up on %r",
+                f"{self.name}-5xx",
+                "%s cache %s answered %d to %r; retrying",
                 self.name,
                 self.address,
                 status,
-                purge.attempts,
-                now - purge.failing_since,
                 purge.request[:200],
             )
+            return
         self._on_done(purge)
 
     def _retry(self, purge: Purge) -> None:
@@ -293,9 +298,13 @@ class CacheLayer(Layer):
 
     @property
     def backlog(self) -> int:
-        """Purges waiting for, or in flight to, this layer."""
+        """Purges ready for, or in flight to, this layer (not those waiting for the delay).
+
+        As in the original, whose frontend queue only got a URL once its delay was over: the
+        production alerts on `purged_backlog` assume this meaning.
+        """
         inflight = sum(len(connection.inflight) for connection in self.connections)
-        return len(self.delayed) + len(self.queue) + inflight + self.retrying
+        return len(self.queue) + inflight + self.retrying
 
     # --- connections ------------------------------------------------------------------
     async def run(self) -> None:

@@ -86,13 +86,6 @@ urls_skipped = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-# new: purges abandoned after the cache answered 5xx too many times.
-purges_failed = Counter(
-    "purged_purges_failed",
-    "Purges given up after repeated 5xx answers, per layer",
-    ["layer"],
-    registry=REGISTRY,
-)
 # new: requests sent again after a connection failure or a 5xx.
 purges_resent = Counter(
     "purged_purges_resent",
@@ -132,7 +125,6 @@ def initialise() -> None:
     for layer in LAYERS:
         backlog.labels(layer)
         coalesced.labels(layer)
-        purges_failed.labels(layer)
         purges_resent.labels(layer)
     for kind in TCP_ERROR_TYPES:
         tcp_errors.labels(kind)

@@ -85,14 +85,14 @@ class PartitionTrack:
 class Purge:
     """One URL on its way through the layers, with the Kafka messages waiting for it."""
 
-    __slots__ = ("attempts", "dead", "due", "failing_since", "request", "tickets")
+    __slots__ = ("attempts", "dead", "due", "latest_due", "request", "tickets")
 
     def __init__(self, request: bytes, tickets: list[Ticket]) -> None:
         self.request = request  # the complete PURGE request, the same bytes for both layers
         self.tickets = tickets
         self.attempts = 0  # 5xx answers in the current layer
-        self.failing_since = 0.0  # loop time of the first of those answers
         self.due = 0.0  # loop time when the frontend may send it
+        self.latest_due = 0.0  # replaced by later purges of its URL, not sent after this
         self.dead = False  # superseded by a later purge of the same URL: skip it
 
 
@@ -148,7 +148,7 @@ class Pipeline:
                 self.room.clear()
 
     def backend_done(self, purge: Purge) -> None:
-        """The backend answered (or gave up): the frontend's turn, after its delay."""
+        """The backend answered: the frontend's turn, after its delay."""
         purge.attempts = 0
         if not self.frontend.enqueue(purge):
             self._finish_one()  # merged into a purge of the same URL waiting for the frontend

@@ -228,7 +228,6 @@ _ERRORS: tuple[tuple[str, str, tuple[str, ...], dict[str, str]], ...] = (
     ("tcp", "purged_tcp_errors_total", ("type",), {}),
     ("kafka", "purged_kafka_errors_total", ("code",), {}),
     ("commit", "purged_kafka_commits_total", (), {"result": "error"}),
-    ("failed", "purged_purges_failed_total", ("layer",), {}),
     ("skipped", "purged_urls_skipped_total", ("reason",), {}),
     ("htcp_bad", "purged_htcp_packets_total", (), {"state": "bad"}),
     ("htcp_dropped", "purged_htcp_packets_dropped_total", (), {}),
