@@ -24,8 +24,9 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, NamedTuple
+
+from purged.embedded.processes import Stoppable
 
 from .ports import free_port
 
@@ -47,7 +48,7 @@ def _reason(status: int) -> str:
         return "Status"
 
 
-class Recorder:
+class Recorder(Stoppable):
     """Recording PURGE sink on ``127.0.0.1:<free port>``, or on the Unix socket ``unix_path``."""
 
     def __init__(self, *, unix_path: str | os.PathLike[str] | None = None) -> None:
@@ -345,14 +346,3 @@ class Recorder:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

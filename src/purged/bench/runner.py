@@ -19,9 +19,10 @@ One run against the fast sink (`--targets sink`):
    holds, so reusing the throughput topic would measure the broker); each event's produce
    time is noted (it is also its `meta.dt`/`root_event.dt`, with microseconds), and the
    latency of a URL is the time from that to its first arrival at the sink's backend port:
-   p50, p99, max. It includes the producer's linger (5 ms) and the broker. The daemon's `fetch.wait.max.ms` is 5 ms
-   (`--fetch-wait-ms`): Tansu holds a fetch that found no data for that long even when data
-   arrives meanwhile (Kafka answers at once), so the default 500 ms would dominate.
+   p50, p99, max. It includes the producer's linger (5 ms) and the broker. The daemon's
+   `fetch.wait.max.ms` is 5 ms (`--fetch-wait-ms`): Tansu holds a fetch that found no data
+   for that long even when data arrives meanwhile (Kafka answers at once), so the default
+   500 ms would dominate.
    The JSON also has the latency per half second and the CPU share of the broker, the sink,
    this harness, the daemon and the whole machine meanwhile (is the daemon starved?).
 

@@ -31,8 +31,9 @@ import subprocess
 import sys
 import time
 from array import array
-from types import TracebackType
 from typing import IO, Any
+
+from purged.embedded.processes import Stoppable
 
 # The benchmark's URLs; the sink reads `seq` back from the request line.
 URL_PREFIX = "https://en.wikipedia.org/wiki/Bench_"
@@ -219,7 +220,7 @@ class _Connection(asyncio.Protocol):
             self.sink.received(self._layer(), heads)
 
 
-class SinkProcess:
+class SinkProcess(Stoppable):
     """The harness's handle on a sink process: start it, send commands, stop it."""
 
     def __init__(self, backend_port: int = 0, frontend_port: int = 0) -> None:
@@ -303,17 +304,6 @@ class SinkProcess:
             if stream is not None:
                 with contextlib.suppress(OSError, ValueError):
                     stream.close()
-
-    def __enter__(self) -> SinkProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 async def _serve(backend_port: int, frontend_port: int) -> None:

@@ -12,22 +12,19 @@ import importlib.resources
 import itertools
 import json
 import os
-import shutil
-import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from .processes import free_port, log_tail, spawn, stop_process_group, wait_port
+from .processes import Component, free_port, log_tail, wait_port
 
 
 def tansu_binary() -> Path:
@@ -84,15 +81,13 @@ def make_event(
     return json.dumps(event, separators=(",", ":")).encode()
 
 
-class Broker:
+class Broker(Component):
     """Tansu on ``127.0.0.1:<free port>``; ready once it answers a metadata request."""
 
     def __init__(self, *, start_timeout: float = 15.0) -> None:
         self.port: int = free_port()
         self.bootstrap: str = f"127.0.0.1:{self.port}"
-        self.dir = Path(tempfile.mkdtemp(prefix="purged-tansu-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
+        super().__init__(Path(tempfile.mkdtemp(prefix="purged-tansu-")))
         self._admin: AdminClient | None = None
         self._producer: Producer | None = None
         try:
@@ -103,8 +98,7 @@ class Broker:
 
     def _start(self, timeout: float) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
-        self._out = open(self.dir / "tansu.log", "wb")  # noqa: SIM115
-        self._proc = spawn(
+        proc = self._spawn(
             [
                 str(tansu_binary()),
                 "broker",
@@ -115,13 +109,10 @@ class Broker:
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            cwd=self.dir,
-            log=self._out,
+            "tansu.log",
         )
         deadline = time.monotonic() + timeout
-        wait_port(
-            "127.0.0.1", self.port, timeout, what="tansu", tail=self.log_tail, proc=self._proc
-        )
+        wait_port("127.0.0.1", self.port, timeout, what="tansu", tail=self.log_tail, proc=proc)
         self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -275,21 +266,4 @@ class Broker:
             self._producer.flush(1.0)
             self._producer = None
         self._admin = None
-        if self._proc is not None:
-            stop_process_group(self._proc, timeout=5.0)
-            self._proc = None
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Broker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().stop()

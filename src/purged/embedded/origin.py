@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import NamedTuple
 
-from .processes import wait_port
+from .processes import Stoppable, wait_port
 
 
 class OriginRequest(NamedTuple):
@@ -64,7 +63,7 @@ class _Server(ThreadingHTTPServer):
     origin: Origin
 
 
-class Origin:
+class Origin(Stoppable):
     """Origin HTTP/1.1 server on ``127.0.0.1:<free port>``, served from a thread."""
 
     def __init__(self) -> None:
@@ -112,14 +111,3 @@ class Origin:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-    def __enter__(self) -> Origin:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, NamedTuple
+from pathlib import Path
+from types import TracebackType
+from typing import IO, NamedTuple, Self
 
 
 class Fetch(NamedTuple):
@@ -156,3 +159,47 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> N
     proc.wait(timeout=timeout)
     if isinstance(proc, Spawned):
         proc.close_lifeline()
+
+
+class Stoppable:
+    """Something started that `stop()` ends; `with` stops it on the way out."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Component(Stoppable):
+    """A process of its own group (see :func:`spawn`), with a work directory for its files and
+    its log; `stop()` ends the whole group and removes the directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._proc: Spawned | None = None
+        self._out: IO[bytes] | None = None
+
+    def _spawn(self, cmd: list[str], log_name: str) -> Spawned:
+        """Start ``cmd`` in the work directory, its output to ``log_name`` there."""
+        self._out = open(self.dir / log_name, "wb")  # noqa: SIM115 - closed by stop()
+        self._proc = spawn(cmd, cwd=self.dir, log=self._out)
+        return self._proc
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL after 5 s, remove the work directory. Idempotent."""
+        if self._proc is not None:
+            stop_process_group(self._proc, timeout=5.0)
+            self._proc = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -10,14 +10,11 @@ from __future__ import annotations
 import http.client
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-from .processes import Fetch, free_port, log_tail, spawn, stop_process_group, wait_port
+from .processes import Component, Fetch, free_port, log_tail, wait_port
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "trafficserver"
@@ -76,7 +73,7 @@ def snippet_lines(path: Path, **subst: str) -> list[str]:
     ]
 
 
-class TrafficServer:
+class TrafficServer(Component):
     """A private ``traffic_server`` on ``127.0.0.1:<free port>`` caching ``origin_port``.
 
     Every Host is mapped to the origin (see ``deploy/trafficserver/remap.config``); objects
@@ -86,9 +83,7 @@ class TrafficServer:
     def __init__(self, origin_port: int, *, start_timeout: float = 20.0) -> None:
         self.origin_port = origin_port
         self.port: int = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="purged-ats-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
+        super().__init__(Path(tempfile.mkdtemp(prefix="purged-ats-")))
         try:
             self._write_config()
             self._start(start_timeout)
@@ -129,11 +124,8 @@ class TrafficServer:
         shutil.copyfile(DEPLOY_DIR / "ip_allow.yaml", etc / "ip_allow.yaml")
 
     def _start(self, timeout: float) -> None:
-        self._out = open(self.dir / "traffic_server.out", "wb")  # noqa: SIM115
-        self._proc = spawn(
-            ["traffic_server", f"--run-root={self.dir / 'runroot.yaml'}"],
-            cwd=self.dir,
-            log=self._out,
+        proc = self._spawn(
+            ["traffic_server", f"--run-root={self.dir / 'runroot.yaml'}"], "traffic_server.out"
         )
         # wait_for_cache=1: the port opens only once the cache initialised, or failed to:
         # then ATS serves without a cache, which would only show up as "always MISS".
@@ -144,7 +136,7 @@ class TrafficServer:
             timeout,
             what="traffic_server",
             tail=self.log_tail,
-            proc=self._proc,
+            proc=proc,
         )
         diags = self.dir / "log" / "diags.log"
         while True:
@@ -191,23 +183,3 @@ class TrafficServer:
         return Fetch(resp.status, via_hit(via), headers, body)
 
     # -- teardown ----------------------------------------------------------------------
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL after 5 s, remove the run-root."""
-        if self._proc is not None:
-            stop_process_group(self._proc, timeout=5.0)
-            self._proc = None
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> TrafficServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

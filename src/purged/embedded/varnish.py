@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-from .processes import Fetch, free_port, log_tail, spawn, stop_process_group, wait_port
+from .processes import Component, Fetch, free_port, log_tail, wait_port
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 VCL_TEMPLATE = REPO_ROOT / "deploy" / "varnish" / "purge.vcl"
@@ -45,7 +41,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class Varnish:
+class Varnish(Component):
     """``varnishd`` on ``127.0.0.1:<free port>`` (plus an optional Unix socket listener)
     in front of ``backend_port`` on 127.0.0.1."""
 
@@ -55,13 +51,11 @@ class Varnish:
         self.backend_port = backend_port
         self.port: int = free_port()
         self.admin_port: int = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="purged-varnish-", dir="/tmp"))
+        super().__init__(Path(tempfile.mkdtemp(prefix="purged-varnish-", dir="/tmp")))
         os.chmod(self.dir, 0o755)
         self.workdir = self.dir / "n"
         self.vcl_path = self.dir / "purge.vcl"
         self.socket_path: str | None = str(self.dir / "varnish.sock") if unix_socket else None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
         try:
             self.vcl_path.write_text(render_vcl("127.0.0.1", backend_port))
             os.chmod(self.vcl_path, 0o644)
@@ -87,15 +81,8 @@ class Varnish:
         ]
         if self.socket_path is not None:
             cmd[4:4] = ["-a", f"{UNIX_LISTENER_NAME}={self.socket_path},mode=0666"]
-        self._out = open(self.dir / "varnishd.out", "wb")  # noqa: SIM115
-        self._proc = spawn(
-            cmd,
-            cwd=self.dir,
-            log=self._out,
-        )
-        wait_port(
-            "127.0.0.1", self.port, timeout, what="varnishd", tail=self.log_tail, proc=self._proc
-        )
+        proc = self._spawn(cmd, "varnishd.out")
+        wait_port("127.0.0.1", self.port, timeout, what="varnishd", tail=self.log_tail, proc=proc)
 
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.dir / "varnishd.out", lines)
@@ -134,24 +121,3 @@ class Varnish:
         if x_cache not in ("HIT", "MISS"):
             raise AssertionError(f"Varnish response without X-Cache HIT/MISS: {x_cache!r}")
         return Fetch(resp.status, x_cache == "HIT", headers, body)
-
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL after 5 s, remove the directory."""
-        if self._proc is not None:
-            stop_process_group(self._proc, timeout=5.0)
-            self._proc = None
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Varnish:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
