@@ -175,6 +175,35 @@ def test_a_purge_superseded_in_the_frontend_fifo_hands_its_kafka_messages_on() -
     asyncio.run(scenario())
 
 
+def test_a_url_purged_over_and_over_still_reaches_the_frontend_within_two_delays() -> None:
+    delay = 0.2
+
+    async def scenario() -> None:
+        pipeline = Pipeline(max_pending=1000)
+        backend, frontend = _layers(pipeline, delay=delay)
+        track = PartitionTrack("t", 0)
+        page = PurgeTarget(HOST, "/wiki/Hot_page")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        released_at = None
+        offset = 0
+        while loop.time() - start < 5 * delay:  # the same URL every 10 ms, for 5 delays
+            pipeline.submit(page, track.ticket(offset))
+            offset += 1
+            pipeline.backend_done(_sent(backend))
+            # Held for the delay: pending, but not in the layer's backlog (as in the original).
+            assert frontend.backlog == len(frontend.queue)
+            if released_at is None and frontend.queue:
+                released_at = loop.time()
+            await asyncio.sleep(0.01)
+        assert released_at is not None, "superseded forever: never sent to the frontend"
+        assert released_at - start <= 2 * delay + 0.15
+        frontend.answered(_sent(frontend), 200)
+        assert track.committable is not None and track.committable >= 1
+
+    asyncio.run(scenario())
+
+
 def test_a_purge_coalesced_in_the_backend_queue_carries_both_kafka_messages() -> None:
     async def scenario() -> None:
         pipeline = Pipeline(max_pending=100)
