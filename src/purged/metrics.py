@@ -39,7 +39,7 @@ tcp_errors = Counter(
 )
 backlog = Gauge(
     "purged_backlog",
-    "Purges waiting or in flight, per layer",
+    "Purges queued for or in flight to each layer (not those held for the frontend delay)",
     ["layer"],
     registry=REGISTRY,
 )

@@ -31,7 +31,7 @@ rows (METRIC LABELS VALUE PER-SECOND):
   events        topic,status    Kafka events received (ok, expired, discarded)
   htcp          state           HTCP packets received (good, bad)
   purges        layer,status    PURGEs answered by the caches, by HTTP status
-  backlog       layer           purges waiting or in flight per cache layer
+  backlog       layer           purges queued or in flight per cache layer
   pending       -               purges not finished on both layers
   event_lag_ms  topic           ms since the newest event's time (the lag alert's number)
   consumer_lag  topic           messages not consumed yet (needs statistics.interval.ms)
