@@ -8,6 +8,7 @@ components are shared, so tests must use unique topics, group ids and URL paths
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tests.support import unique as _unique
 from tests.support.ats import TrafficServer
 from tests.support.broker import Broker
 from tests.support.origin import Origin
+from tests.support.purged_proc import Daemons
 from tests.support.recorder import Recorder
 from tests.support.varnish import Varnish
 
@@ -62,6 +64,14 @@ def varnish(ats: TrafficServer) -> Iterator[Varnish]:
         pytest.skip("varnishd not installed (./dev setup installs Debian's varnish)")
     with Varnish(ats.port, unix_socket=True) as v:
         yield v
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """Starts purged daemons (``daemons.start(...)``); all are stopped at teardown."""
+    made = Daemons(tmp_path)
+    yield made
+    made.stop_all()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,50 +23,15 @@ from purged.config import parse_address
 from purged.pipeline import PartitionTrack, Pipeline, Purge
 from purged.url import PurgeTarget
 from tests.support.broker import Broker
-from tests.support.faults import committed, resource_changes
-from tests.support.purged_proc import Daemons, Purged, wait_until
+from tests.support.faults import committed
+from tests.support.pages import HOST, WAIT, produce_pages, received_all, wait_received
+from tests.support.purged_proc import Daemons, wait_until
 from tests.support.recorder import Recorder
-
-WAIT = 60.0  # seconds: bound of every wait for the daemon (2 noisy cores)
-HOST = "en.wikipedia.org"
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    made = Daemons(tmp_path)
-    yield made
-    made.stop_all()
-
-
-def produce_pages(broker: Broker, topic: str, count: int) -> list[str]:
-    """Produce one event per distinct page of ``topic``; the request-targets to expect."""
-    broker.create_topic(topic, partitions=3)
-    paths = [f"/wiki/{topic}/{i}" for i in range(count)]
-    broker.produce(topic, resource_changes(f"https://{HOST}{p}" for p in paths), timeout=120)
-    return paths
 
 
 def committed_events(broker: Broker, group: str, topic: str) -> int:
     """Events of ``topic`` (from offset 0) that ``group`` committed as done."""
     return sum(max(0, offset) for offset in committed(broker.bootstrap, group, topic))
-
-
-def received_all(layer: Recorder, paths: list[str], since: int = 0) -> bool:
-    """Every path reached ``layer`` (in its requests from index ``since`` on)."""
-    return set(paths) <= set(layer.targets()[since:])
-
-
-def wait_received(
-    layer: Recorder, paths: list[str], timeout: float, since: int = 0, daemon: Purged | None = None
-) -> None:
-    """Wait until every path reached ``layer`` (counting first: sets of 1M paths are slow)."""
-    deadline = time.monotonic() + timeout
-    wait_until(lambda: layer.count() - since >= len(paths), timeout, "enough requests", daemon)
-    while not received_all(layer, paths, since):
-        if time.monotonic() > deadline:
-            missing = set(paths) - set(layer.targets()[since:])
-            raise AssertionError(f"{len(missing)} pages never reached {layer.address}")
-        time.sleep(0.5)
 
 
 # -- the bookkeeping -------------------------------------------------------------------------

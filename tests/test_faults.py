@@ -20,21 +20,11 @@ from tests.support.faults import (
     FencingBroker,
     SamePortBroker,
     committed,
-    resource_changes,
 )
+from tests.support.pages import WAIT, produce_pages, wait_received
 from tests.support.purged_proc import Daemons, Purged, wait_until
 from tests.support.recorder import Recorder
 from tests.test_race import scrape_race
-
-WAIT = 60.0  # seconds: bound of every wait for the daemon (2 noisy cores)
-HOST = "en.wikipedia.org"
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    made = Daemons(tmp_path)
-    yield made
-    made.stop_all()
 
 
 @pytest.fixture
@@ -42,26 +32,6 @@ def own_broker() -> Iterator[Broker]:
     """A broker for this test alone (it is stopped, frozen or replaced by the test)."""
     with Broker() as broker:
         yield broker
-
-
-def produce_pages(
-    broker: Broker, topic: str, count: int, prefix: str = "", create: bool = True
-) -> list[str]:
-    """Produce one event per distinct page (to a new topic of 3 partitions, unless
-    ``create=False``); the request-targets to expect."""
-    if create:
-        broker.create_topic(topic, partitions=3)
-    paths = [f"/wiki/{topic}/{prefix}{i}" for i in range(count)]
-    broker.produce(topic, resource_changes(f"https://{HOST}{p}" for p in paths))
-    return paths
-
-
-def wait_received(
-    layer: Recorder, paths: list[str], timeout: float, daemon: Purged | None = None
-) -> None:
-    """Wait until every path reached ``layer`` (and the daemon stays alive)."""
-    wanted = set(paths)
-    wait_until(lambda: wanted <= set(layer.targets()), timeout, "every page purged", daemon)
 
 
 def wait_answered(

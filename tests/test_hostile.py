@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import random
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from confluent_kafka import Producer
 
 from purged.htcp import encode_clr
@@ -59,13 +58,6 @@ BAD_URLS = [
     "https://",
     "https:///wiki/No_host",
 ]
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    made = Daemons(tmp_path)
-    yield made
-    made.stop_all()
 
 
 def bad_url_event(uri: str) -> bytes:

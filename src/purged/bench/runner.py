@@ -130,6 +130,21 @@ class Bench:
         stamp = f"{kind}-{os.getpid()}-{self.counter}"
         return f"bench-{stamp}", f"bench-group-{stamp}"
 
+    def start_daemon(
+        self, topic: str, group: str, backend: str, frontend: str, frontend_delay: int
+    ) -> Daemon:
+        """purged consuming ``topic`` as ``group``, purging to ``backend`` and ``frontend``."""
+        return Daemon(
+            self.workdir,
+            self.broker,
+            topic,
+            group,
+            backend,
+            frontend,
+            self.daemon_flags(frontend_delay),
+            self.kafka_properties(),
+        )
+
     def daemon_flags(self, frontend_delay: int) -> list[str]:
         args = self.args
         return [
@@ -253,15 +268,8 @@ def run_sink(bench: Bench, sink: SinkProcess, index: int) -> dict[str, Any]:
     topic, group = bench.names("sink")
     load_before = loadavg()
     bench.preload(topic, n)
-    daemon = Daemon(
-        bench.workdir,
-        bench.broker,
-        topic,
-        group,
-        sink.backend_addr,
-        sink.frontend_addr,
-        bench.daemon_flags(args.frontend_delay),
-        bench.kafka_properties(),
+    daemon = bench.start_daemon(
+        topic, group, sink.backend_addr, sink.frontend_addr, args.frontend_delay
     )
     result: dict[str, Any] = {"run": index, "loadavg_before": load_before}
     try:
@@ -309,16 +317,7 @@ def run_sink(bench: Bench, sink: SinkProcess, index: int) -> dict[str, Any]:
             raise RuntimeError(f"purged did not stop cleanly; log in {daemon.process.log}")
         topic, group = bench.names("latency")
         bench.broker.create_topic(topic, args.partitions)
-        daemon = Daemon(
-            bench.workdir,
-            bench.broker,
-            topic,
-            group,
-            sink.backend_addr,
-            sink.frontend_addr,
-            bench.daemon_flags(0),
-            bench.kafka_properties(),
-        )
+        daemon = bench.start_daemon(topic, group, sink.backend_addr, sink.frontend_addr, 0)
         daemon.wait_ready()
         result.update(latency_run(bench, sink, daemon, topic))
     finally:
@@ -468,16 +467,7 @@ def run_caches(bench: Bench, ats: TrafficServer, varnish: Varnish, index: int) -
     topic, group = bench.names("caches")
     load_before = loadavg()
     bench.preload(topic, n)
-    daemon = Daemon(
-        bench.workdir,
-        bench.broker,
-        topic,
-        group,
-        ats.address,
-        varnish.address,
-        bench.daemon_flags(args.frontend_delay),
-        bench.kafka_properties(),
-    )
+    daemon = bench.start_daemon(topic, group, ats.address, varnish.address, args.frontend_delay)
     samples: list[tuple[float, float, float, int, int]] = []
     try:
         profiler = bench.start_profiler(daemon.pid)
