@@ -170,39 +170,41 @@ class CacheLayer(Layer):
     def enqueue(self, purge: Purge) -> bool:
         """Queue a purge; False when it was merged into one of the same URL not yet sent."""
         older = self.waiting.get(purge.request)
-        now = self.loop.time()
-        due = now + self.delay
-        if older is not None:
-            if not self.delay:
-                self._coalesced.inc()
-                older.tickets.extend(purge.tickets)  # the older one is sent later than now
-                return False
-            # The newer one must wait its full delay after its own backend answer, so it
-            # replaces the older one, which is sent later than it was due. At most one delay
-            # later, though: a URL purged over and over still reaches the frontend (and its
-            # offsets get committed) about once per delay.
-            if older.due > now and due <= older.latest_due:
-                self._coalesced.inc()
-                older.dead = True
-                purge.tickets.extend(older.tickets)
-                older.tickets = []
-                purge.latest_due = older.latest_due
-                if self._on_superseded is not None:
-                    self._on_superseded(older)
-            else:
-                purge.latest_due = due + self.delay  # the older one goes out when due
-        else:
-            purge.latest_due = due + self.delay
-        self.waiting[purge.request] = purge
         if self.delay:
-            purge.due = due
-            self.delayed.append(purge)
-            if self._timer is None:
-                self._timer = self.loop.call_at(purge.due, self._release)
-        else:
-            self.queue.append(purge)
-            self.kick()
+            self._hold(purge, older)
+            return True
+        if older is not None:
+            self._coalesced.inc()
+            older.tickets.extend(purge.tickets)  # the older one is sent later than now
+            return False
+        self.waiting[purge.request] = purge
+        self.queue.append(purge)
+        self.kick()
         return True
+
+    def _hold(self, purge: Purge, older: Purge | None) -> None:
+        """Put a purge in the FIFO of the delay (the frontend), superseding `older` if it may.
+
+        The newer purge must wait its full delay after its own backend answer, so it replaces
+        an older one of its URL still held, which is then sent later than it was due. At most
+        one delay later, though: a URL purged over and over still reaches the frontend (and
+        its offsets get committed) about once per delay.
+        """
+        now = self.loop.time()
+        purge.due = now + self.delay
+        purge.latest_due = purge.due + self.delay
+        if older is not None and older.due > now and purge.due <= older.latest_due:
+            self._coalesced.inc()
+            older.dead = True
+            purge.tickets.extend(older.tickets)
+            older.tickets = []
+            purge.latest_due = older.latest_due
+            if self._on_superseded is not None:
+                self._on_superseded(older)
+        self.waiting[purge.request] = purge
+        self.delayed.append(purge)
+        if self._timer is None:
+            self._timer = self.loop.call_at(purge.due, self._release)
 
     def _release(self) -> None:
         """Move the purges whose delay has passed from the FIFO to the send queue."""

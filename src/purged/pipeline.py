@@ -92,7 +92,7 @@ class Purge:
         self.tickets = tickets
         self.attempts = 0  # 5xx answers in the current layer
         self.due = 0.0  # loop time when the frontend may send it
-        self.latest_due = 0.0  # replaced by later purges of its URL, not sent after this
+        self.latest_due = 0.0  # (frontend) however often superseded, sent by this time
         self.dead = False  # superseded by a later purge of the same URL: skip it
 
 
