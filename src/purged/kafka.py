@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -138,7 +139,7 @@ class KafkaSource:
         newest = self._newest
         newest_changed = False
         now = time.time()
-        tally: dict[tuple[str, str, str], int] = {}  # counted once per batch, not per event
+        tally: Counter[tuple[str, str, str]] = Counter()  # counted once per batch, not per event
         for message in messages:
             error = message.error()
             if error is not None:
@@ -154,8 +155,7 @@ class KafkaSource:
                 event = decode_event(message.value() or b"")
             except EventError as error:
                 ratelimited.warning("event", "discarding message %s@%d: %s", topic, offset, error)
-                key = ("", "discarded", topic)
-                tally[key] = tally.get(key, 0) + 1
+                tally[("", "discarded", topic)] += 1
                 track.skip(offset)
                 continue
             timestamp = event.timestamp
@@ -169,8 +169,7 @@ class KafkaSource:
                 newest[topic] = timestamp
                 newest_changed = True
             if max_age and now - timestamp > max_age:
-                key = (event.tag, "expired", topic)
-                tally[key] = tally.get(key, 0) + 1
+                tally[(event.tag, "expired", topic)] += 1
                 track.skip(offset)
                 continue
             try:
@@ -180,12 +179,10 @@ class KafkaSource:
                     "url", "discarding event %s@%d: %s: %r", topic, offset, error, event.uri[:200]
                 )
                 metrics.urls_skipped.labels("invalid_url").inc()
-                key = (event.tag, "discarded", topic)
-                tally[key] = tally.get(key, 0) + 1
+                tally[(event.tag, "discarded", topic)] += 1
                 track.skip(offset)
                 continue
-            key = (event.tag, "ok", topic)
-            tally[key] = tally.get(key, 0) + 1
+            tally[(event.tag, "ok", topic)] += 1
             pipeline.submit(target, track.ticket(offset))
         for (tag, status, name), count in tally.items():
             self._count(tag, status, name, count)
