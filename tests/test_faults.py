@@ -6,14 +6,23 @@ the one fault it exits for: non-zero, and without committing anything unfinished
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from purged import metrics
+from purged.cache import CacheLayer
+from purged.config import parse_address
+from purged.pipeline import Purge
+from purged.url import purge_request
 from tests.support.broker import Broker
 from tests.support.faults import (
     BreakingProxy,
@@ -159,11 +168,70 @@ def test_a_cache_breaking_its_connections_for_a_while_loses_nothing(
         assert proxy.broken > 0
         wait_received(caches["frontend"], paths, WAIT, daemon)
         assert set(caches["backend"].targets()) == set(paths)
-        assert tcp_errors(daemon, error) > 0
         samples = daemon.scrape()
+        assert daemon.metric("purged_tcp_errors_total", samples, type=error) > 0
         assert daemon.metric("purged_purges_resent_total", samples, layer=layer) > 0
     finally:
         proxy.stop()
+
+
+def test_a_reset_counts_as_an_error_even_between_responses_an_idle_close_does_not() -> None:
+    """A cache that answers every PURGE and then drops the connection: a reset (RST) is
+    counted even when nothing was awaited; a close (FIN) of an idle keep-alive connection is
+    the cache's right and is not. In-process, over real loopback sockets."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def errors(kind: str) -> float:
+        value = metrics.REGISTRY.get_sample_value("purged_tcp_errors_total", {"type": kind})
+        return value or 0.0
+
+    async def scenario(reset: bool) -> tuple[float, float, int]:
+        connections: list[asyncio.StreamWriter] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(writer)
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(answer * head.count(b"PURGE "))
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        done: list[Purge] = []
+        layer = CacheLayer(
+            "backend",
+            parse_address(f"127.0.0.1:{port}", "-test"),
+            workers=1,
+            depth=8,
+            timeout=10,
+            delay=0.0,
+            on_done=done.append,
+        )
+        before = errors("reset"), errors("closed")
+        runner = asyncio.create_task(layer.run())
+        try:
+            layer.enqueue(Purge(purge_request("http://example.org/a")[1], []))
+            while not done:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # idle: nothing in flight
+            (writer,) = connections
+            if reset:  # linger 0: closing sends RST
+                linger = struct.pack("ii", 1, 0)
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, linger
+                )
+            writer.close()
+            while len(connections) < 2:  # the layer re-connects
+                await asyncio.sleep(0.01)
+            layer.enqueue(Purge(purge_request("http://example.org/b")[1], []))
+            while len(done) < 2:
+                await asyncio.sleep(0.01)
+        finally:
+            runner.cancel()
+            server.close()
+        return errors("reset") - before[0], errors("closed") - before[1], len(done)
+
+    assert asyncio.run(asyncio.wait_for(scenario(reset=True), 20)) == (1, 0, 2)
+    assert asyncio.run(asyncio.wait_for(scenario(reset=False), 20)) == (0, 0, 2)
 
 
 def test_a_cache_answering_5xx_for_a_while_gets_every_purge_once_healthy(

@@ -94,12 +94,16 @@ class Connection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # An error: a reset (always), or a close while a response was awaited, even if the
+        # status line of the one being read had arrived. A close between responses is
+        # a cache ending an idle keep-alive connection, which is normal.
+        broken = exc is not None or bool(self.inflight)
         status = self.reader.eof()
         if status is not None and self.inflight:
             self.answered += 1
             self.layer.count_answers([status])
             self.layer.answered(self.inflight.popleft(), status)
-        if self.error is None and self.inflight:
+        if self.error is None and broken:
             self.error = "reset" if exc is not None else "closed"
             ratelimited.warning(
                 f"{self.layer.name}-lost",

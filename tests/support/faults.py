@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import select
 import socket
 import struct
 import threading
@@ -51,7 +52,7 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> li
 
 class BreakingProxy:
     """TCP proxy in front of a cache; while ``mode`` is set, every connection it carries is
-    broken a few bytes into the response stream (so, usually in the middle of a response):
+    broken in the middle of a status line, so at least one request on it is unanswered:
     ``"close"`` closes it (FIN), ``"reset"`` resets it (RST)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -80,34 +81,36 @@ class BreakingProxy:
             server.settimeout(None)
             with self._lock:
                 self._sockets.update((client, server))
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._answers, args=(server, client), daemon=True).start()
+            threading.Thread(target=self._carry, args=(client, server), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        self._close(source, sink)
-
-    def _answers(self, server: socket.socket, client: socket.socket) -> None:
-        budget = random.randint(1, 300)  # response bytes let through once broken
-        with contextlib.suppress(OSError):
-            while data := server.recv(65536):
-                mode = self.mode
-                if mode is None:
-                    client.sendall(data)
-                    continue
-                client.sendall(data[:budget])
-                budget -= len(data)
-                if budget <= 0:
+    def _carry(self, client: socket.socket, server: socket.socket) -> None:
+        """One thread per connection, so that closing it is immediate: a socket closed while
+        another thread is blocked reading it would only send its FIN or RST once that read
+        returned."""
+        with contextlib.suppress(OSError, ValueError):
+            while True:
+                readable, _, _ = select.select([client, server], [], [])
+                if client in readable:
+                    if not (data := client.recv(65536)):
+                        break
+                    server.sendall(data)
+                if server in readable:
+                    if not (data := server.recv(65536)):
+                        break
+                    mode = self.mode
+                    start = data.find(b"HTTP/1.") if mode is not None else -1
+                    if start < 0:  # not breaking, or only the tail of a response: through
+                        client.sendall(data)
+                        continue
+                    # Up to a random point inside the status line: that response is never read.
+                    client.sendall(data[: start + random.randint(0, 11)])
                     if mode == "reset":  # linger 0: close() sends RST
-                        client.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
+                        linger = struct.pack("ii", 1, 0)
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                     with self._lock:
                         self.broken += 1
                     break
-        self._close(server, client)
+        self._close(client, server)
 
     def _close(self, *sockets: socket.socket) -> None:
         for sock in sockets:
