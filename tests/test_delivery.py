@@ -302,17 +302,17 @@ def test_the_drain_waits_for_the_purges_held_for_the_frontend_delay(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("drain-fifo"), unique("drain-fifo-group")
     paths = produce_pages(broker, topic, 2_000)
     backend, frontend = recorder(), recorder()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
+    daemon = daemons.consume(
+        broker,
+        topic,
+        group,
+        backend.address,
+        frontend.address,
         frontend_delay_ms=3_000,
     )
     backend.wait_for(len(paths), WAIT)
@@ -360,18 +360,18 @@ def test_a_second_signal_exits_at_once_and_commits_nothing_unfinished(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("second-signal"), unique("second-signal-group")
     paths = produce_pages(broker, topic, 1_000)
     backend, frontend = recorder(), recorder()
     frontend.stall = True
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
+    daemon = daemons.consume(
+        broker,
+        topic,
+        group,
+        backend.address,
+        frontend.address,
         extra=["-shutdown_timeout", "60s"],
     )
     backend.wait_for(len(paths), WAIT)
@@ -437,7 +437,6 @@ def test_a_slow_cache_pauses_consumption_and_memory_stays_bounded(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("backpressure"), unique("backpressure-group")
@@ -445,12 +444,7 @@ def test_a_slow_cache_pauses_consumption_and_memory_stays_bounded(
     backend, frontend = recorder(), recorder()
     frontend.delay = 0.01  # 100 answers a second
     max_pending = 100_000  # the default
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
-    )
+    daemon = daemons.consume(broker, topic, group, backend.address, frontend.address)
     daemon.wait_metric("purged_kafka_paused", lambda v: v == 1, WAIT)
     for _ in range(10):  # while paused, the bound holds
         samples = daemon.scrape()

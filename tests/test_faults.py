@@ -66,18 +66,18 @@ def test_a_backend_refusing_connections_for_20_s_at_start_gets_everything_once_u
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("backend-down"), unique("backend-down-group")
     paths = produce_pages(broker, topic, 2_000)
     backend, frontend = recorder(), recorder()
     backend.refuse()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
+    daemon = daemons.consume(
+        broker,
+        topic,
+        group,
+        backend.address,
+        frontend.address,
         ready=False,
     )
     daemon.wait_log("assigned", WAIT)
@@ -102,17 +102,17 @@ def test_a_frontend_stopped_for_5_s_mid_stream_loses_nothing(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("frontend-down"), unique("frontend-down-group")
     paths = produce_pages(broker, topic, 20_000)
     backend, frontend = recorder(), recorder()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
+    daemon = daemons.consume(
+        broker,
+        topic,
+        group,
+        backend.address,
+        frontend.address,
         frontend_delay_ms=100,
         extra=["-max_pending", "2000"],  # keeps most of the stream in Kafka meanwhile
     )
@@ -142,7 +142,6 @@ def test_a_cache_breaking_its_connections_for_a_while_loses_nothing(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique(f"break-{fault}"), unique(f"break-{fault}-group")
@@ -152,11 +151,12 @@ def test_a_cache_breaking_its_connections_for_a_while_loses_nothing(
     try:
         addresses = {name: cache.address for name, cache in caches.items()}
         addresses[layer] = proxy.address
-        daemon = daemons.start(
-            topics=[topic],
-            kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-            backend=addresses["backend"],
-            frontend=addresses["frontend"],
+        daemon = daemons.consume(
+            broker,
+            topic,
+            group,
+            addresses["backend"],
+            addresses["frontend"],
             frontend_delay_ms=100,
             extra=["-max_pending", "1000"],
         )
@@ -238,19 +238,13 @@ def test_a_cache_answering_5xx_for_a_while_gets_every_purge_once_healthy(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("5xx"), unique("5xx-group")
     paths = produce_pages(broker, topic, 3_000)
     backend, frontend = recorder(), recorder()
     frontend.status = 503
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
-    )
+    daemon = daemons.consume(broker, topic, group, backend.address, frontend.address)
     frontend.wait_for(len(paths), WAIT)
     time.sleep(3)
     frontend.status = 200
@@ -268,18 +262,18 @@ def test_a_cache_stalling_past_the_cache_timeout_is_reconnected_and_gets_everyth
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("stall"), unique("stall-group")
     paths = produce_pages(broker, topic, 3_000)
     backend, frontend = recorder(), recorder()
     backend.stall = True
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
+    daemon = daemons.consume(
+        broker,
+        topic,
+        group,
+        backend.address,
+        frontend.address,
         extra=["-cache_timeout", "1s"],
     )
     daemon.wait_metric("purged_tcp_errors_total", lambda v: v > 0, WAIT, type="timeout")
@@ -319,18 +313,12 @@ def test_an_unreachable_broker_coming_back_is_consumed_from_again(
     own_broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("frozen-broker"), unique("frozen-broker-group")
     before = produce_pages(own_broker, topic, 300, "before-")
     backend, frontend = recorder(), recorder()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=own_broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
-    )
+    daemon = daemons.consume(own_broker, topic, group, backend.address, frontend.address)
     wait_received(frontend, before, WAIT, daemon)
     assert own_broker._proc is not None
     os.killpg(own_broker._proc.pid, signal.SIGSTOP)  # up, but answering nothing
@@ -348,7 +336,6 @@ def test_a_broker_replaced_by_an_empty_one_is_consumed_from_again(
     own_broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     # Tansu keeps everything in memory: the new broker on the same port has no topic, no
@@ -356,12 +343,7 @@ def test_a_broker_replaced_by_an_empty_one_is_consumed_from_again(
     topic, group = unique("new-broker"), unique("new-broker-group")
     before = produce_pages(own_broker, topic, 600, "before-")
     backend, frontend = recorder(), recorder()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=own_broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
-    )
+    daemon = daemons.consume(own_broker, topic, group, backend.address, frontend.address)
     wait_received(frontend, before, WAIT, daemon)
     own_broker.stop()
     time.sleep(3)

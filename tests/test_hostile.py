@@ -80,7 +80,6 @@ def test_hostile_kafka_messages_are_counted_logged_sparingly_and_never_reach_a_c
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("hostile"), unique("hostile-group")
@@ -106,12 +105,7 @@ def test_hostile_kafka_messages_are_counted_logged_sparingly_and_never_reach_a_c
     assert producer.flush(30) == 0
 
     backend, frontend = recorder(), recorder()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
-    )
+    daemon = daemons.consume(broker, topic, group, backend.address, frontend.address)
     daemon.wait_metric(
         "purged_events_received_total", lambda v: v == len(messages), WAIT, topic=topic
     )
@@ -187,7 +181,6 @@ def test_events_with_many_distinct_or_huge_tags_keep_the_metrics_small(
     broker: Broker,
     recorder: Callable[..., Recorder],
     daemons: Daemons,
-    tmp_path: Path,
     unique: Callable[[str], str],
 ) -> None:
     topic, group = unique("tags"), unique("tags-group")
@@ -202,12 +195,7 @@ def test_events_with_many_distinct_or_huge_tags_keep_the_metrics_small(
         ),
     )
     backend, frontend = recorder(), recorder()
-    daemon = daemons.start(
-        topics=[topic],
-        kafka_config=broker.write_kafka_config(tmp_path / "kafka.json", group),
-        backend=backend.address,
-        frontend=frontend.address,
-    )
+    daemon = daemons.consume(broker, topic, group, backend.address, frontend.address)
     wait_until(lambda: set(paths) <= set(frontend.targets()), WAIT, "all purged", daemon)
     samples = daemon.scrape()
     assert daemon.metric("purged_events_received_total", samples, status="ok") == len(tags)

@@ -19,6 +19,8 @@ from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from purged.embedded.broker import Broker
+
 from .ports import free_port, stop_process_group
 
 PURGED = str(Path(sys.executable).parent / "purged")
@@ -214,6 +216,29 @@ class Daemons:
         if ready:
             daemon.wait_ready(timeout)
         return daemon
+
+    def consume(
+        self,
+        broker: Broker,
+        topic: str,
+        group: str,
+        backend: str,
+        frontend: str,
+        *,
+        frontend_delay_ms: int = 0,
+        extra: Iterable[str] = (),
+        ready: bool = True,
+    ) -> Purged:
+        """``start`` on ``topic`` as ``group`` of ``broker`` (its config in ``workdir``)."""
+        return self.start(
+            topics=[topic],
+            kafka_config=broker.write_kafka_config(self.workdir / f"{group}.json", group),
+            backend=backend,
+            frontend=frontend,
+            frontend_delay_ms=frontend_delay_ms,
+            extra=extra,
+            ready=ready,
+        )
 
     def stop_all(self) -> None:
         for daemon in self.started:
